@@ -260,7 +260,10 @@ def parse_config(
 
 
 def _default_port_name(url: str, index: int) -> str:
-    tail = url.rstrip("/").rsplit("/", 1)[-1]
+    parts = url.rstrip("/").rsplit("/", 2)
+    tail = parts[-1]
+    if tail.isdigit() and len(parts) > 1:  # /dev/pts/3 -> pts3
+        tail = parts[-2] + tail
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in tail)
     return name or f"port{index}"
 

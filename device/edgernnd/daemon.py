@@ -1,0 +1,380 @@
+"""The daemon: serial readers, the model with per-stream state, and the publisher.
+
+Threads: one :class:`~edgernnd.serial_reader.PortReader` per port puts decoded
+frames on a bounded queue; the main thread runs inference and the periodic work
+(watchdog, STATUS=, metrics, snapshots); the publisher's worker hands predictions
+to the sink. Inference never waits on the sink (a bounded queue drops the oldest
+prediction) and readers never wait on inference (a bounded queue drops the newest
+chunk, counted, when inference cannot keep up).
+
+There is one shutdown path, :meth:`Daemon.run`'s ``finally``, and it always logs
+why the daemon stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgernnd.config import Accelerator, Config, PublishMode, load_config
+from edgernnd.errors import EdgernnError, RuntimeUnavailableError
+from edgernnd.frames import Frame, FrameKind, Prediction
+from edgernnd.manifest import Manifest, load_manifest
+from edgernnd.metrics import MetricKind, Metrics
+from edgernnd.notify import Notifier
+from edgernnd.publish import Publisher
+from edgernnd.runner import StepRunner
+from edgernnd.runtime import import_runtime, load_edgetpu_delegate
+from edgernnd.serial_reader import PortReader
+from edgernnd.sinks import make_sink
+from edgernnd.state import StreamStates
+
+logger = logging.getLogger(__name__)
+
+FRAME_QUEUE_CHUNKS = 4096
+TICK_S = 0.2
+PORT_OPEN_WAIT_S = 2.0
+SEQ_MODULO = 1 << 16
+
+
+def load_runner(config: Config, manifest: Manifest) -> StepRunner:
+    """Loads the model for the configured accelerator, falling back as configured.
+
+    Raises:
+        RuntimeUnavailableError: ``edgetpu`` was asked for and cannot be used, or
+            no TFLite runtime is installed.
+    """
+    runtime = import_runtime()
+    accelerator = config.model.accelerator
+    if accelerator is not Accelerator.CPU:
+        try:
+            if "edgetpu" not in manifest.models:
+                raise RuntimeUnavailableError(
+                    "the model folder has no Edge TPU model; compile it with "
+                    "'edgernn compile' on an x86-64 host")
+            delegate = load_edgetpu_delegate(runtime)
+            return StepRunner(manifest, "edgetpu", runtime, [delegate])
+        except RuntimeUnavailableError as e:
+            if accelerator is Accelerator.EDGETPU:
+                raise
+            logger.warning("Edge TPU not used, running the int8 model on the CPU: %s", e)
+    return StepRunner(manifest, "int8", runtime)
+
+
+class Daemon:
+    """One running edgernnd.
+
+    Args:
+        config: Validated configuration.
+        config_path: The file it came from, re-read on SIGHUP (None: no reload).
+        notifier: systemd notification sender.
+    """
+
+    def __init__(self, config: Config, config_path: Path | None = None,
+                 notifier: Notifier | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier.from_environ()
+        self.metrics = Metrics()
+        self.metrics.declare("edgernn_frames_dropped_total", MetricKind.COUNTER,
+                             "Decoded frames dropped because inference fell behind.")
+        self.manifest = load_manifest(config.model.dir)
+        self.runner = load_runner(config, self.manifest)
+        self.labels = self.manifest.labels
+        self.model_sha256 = self.manifest.models[self.runner.variant].sha256
+        self.states = StreamStates(self.runner, config.state.staggered_copies,
+                                   config.state.reset_every, self._count_reset)
+        self.frames: queue.Queue = queue.Queue(FRAME_QUEUE_CHUNKS)
+        self.readers: list[PortReader] = []
+        self.publisher: Publisher | None = None
+        self.stop_reason: str | None = None
+        self._reload = False
+        self._frames_done = 0
+        self._dropped_chunks = 0
+        self._synced_rejections: dict = collections.defaultdict(int)
+
+    # -- start-up -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Everything up to READY=1: first invoke, snapshot, sink, ports."""
+        scores = self.runner.step(self.runner.quantize_frame(
+            np.asarray(self.manifest.mean, np.float32)), self.runner.zero_states())
+        logger.info("model %s loaded (%s, %s): %d features, %d states, %d labels; "
+                    "first invoke gave %d scores", self.manifest.name,
+                    self.runner.variant, self.model_sha256[:12], self.manifest.features,
+                    len(self.manifest.states), len(self.labels), scores.size)
+        state_dir = self.config.state.dir
+        if state_dir is not None:
+            self.states.restore(state_dir, self.model_sha256,
+                                self.config.state.snapshot_max_age_s)
+        sink = make_sink(self.config, self.labels, self.metrics)
+        self.publisher = Publisher(sink, self.config.publish.queue_size, self.metrics)
+        for port in self.config.ports:
+            reader = PortReader(port, self.manifest.features, self._on_frames,
+                                self._on_connect)
+            self.readers.append(reader)
+            reader.start()
+        deadline = time.monotonic() + PORT_OPEN_WAIT_S
+        for reader in self.readers:
+            reader.connected.wait(max(0.0, deadline - time.monotonic()))
+        self.metrics.set_gauge("edgernn_up", 1)
+        self.notifier.ready()
+        self.notifier.status(f"running: {len(self.readers)} ports, model "
+                             f"{self.manifest.name} on {self.runner.variant}")
+        logger.info("ready: %d ports, %d open", len(self.readers),
+                    sum(r.connected.is_set() for r in self.readers))
+
+    # -- reader callbacks (reader threads) ---------------------------------------
+
+    def _on_frames(self, port: str, frames: list[Frame], read_time: float) -> None:
+        try:
+            self.frames.put_nowait((port, frames, read_time))
+        except queue.Full:
+            self._dropped_chunks += 1
+            self.metrics.inc("edgernn_frames_dropped_total", len(frames), port=port)
+
+    def _on_connect(self, port: str, connected: bool) -> None:
+        self.frames.put(("", (port, connected), time.monotonic()))
+
+    # -- the main loop ------------------------------------------------------------
+
+    def run(self) -> int:
+        """Runs until SIGTERM/SIGINT; returns the exit code."""
+        self._install_signals()
+        code = 0
+        try:
+            self.start()
+            self._loop()
+        except EdgernnError as e:
+            self.stop_reason = f"error: {e}"
+            code = e.exit_code
+            raise
+        except BaseException as e:
+            self.stop_reason = f"crash: {type(e).__name__}: {e}"
+            code = 1
+            raise
+        finally:
+            self._shutdown()
+        return code
+
+    def _loop(self) -> None:
+        config = self.config
+        watchdog_s = self.notifier.watchdog_interval_s()
+        watchdog_period = watchdog_s / 2 if watchdog_s else None
+        now = time.monotonic()
+        next_watchdog = now
+        next_status = now + config.metrics.interval_s
+        snapshot_s = config.state.snapshot_interval_s
+        next_snapshot = now + snapshot_s if snapshot_s else math.inf
+        last_frames, last_status = 0, now
+        while self.stop_reason is None:
+            try:
+                port, frames, read_time = self.frames.get(timeout=TICK_S)
+            except queue.Empty:
+                pass
+            else:
+                if port:
+                    self._process(port, frames, read_time)
+                else:
+                    self._port_event(*frames)
+            now = time.monotonic()
+            if watchdog_period and now >= next_watchdog:
+                # The loop came round, so inference is making progress.
+                self.notifier.watchdog()
+                next_watchdog = now + watchdog_period
+            if now >= next_status:
+                fps = (self._frames_done - last_frames) / max(now - last_status, 1e-9)
+                last_frames, last_status = self._frames_done, now
+                self._update_metrics()
+                self.notifier.status(self.metrics.status_line(fps))
+                if config.metrics.textfile is not None:
+                    self._write_textfile()
+                next_status = now + config.metrics.interval_s
+            if now >= next_snapshot:
+                self._snapshot()
+                next_snapshot = now + snapshot_s
+            if self._reload:
+                self._reload = False
+                self._reload_config()
+
+    def _process(self, port: str, frames: list[Frame], read_time: float) -> None:
+        state = self.config.state
+        publish = self.config.publish
+        wall_offset = time.time() - time.monotonic()
+        metrics = self.metrics
+        runner = self.runner
+        for frame in frames:
+            stream = self.states.get((port, frame.stream_id))
+            if frame.kind is FrameKind.RESET:
+                self.states.reset(stream, "reset_frame")
+                stream.last_seq = frame.seq
+                stream.last_seen = read_time
+                continue
+            if stream.last_seen and read_time - stream.last_seen > state.idle_reset_s:
+                self.states.reset(stream, "idle")
+            if frame.seq is not None and stream.last_seq is not None:
+                gap = (frame.seq - stream.last_seq) % SEQ_MODULO
+                if gap > state.max_seq_gap:
+                    metrics.inc("edgernn_seq_gaps_total", port=port)
+                    self.states.reset(stream, "seq_gap")
+            stream.last_seq = frame.seq
+            stream.last_seen = read_time
+            values = frame.values
+            if not np.all(np.abs(values) <= state.value_limit):  # NaN fails too
+                metrics.inc("edgernn_rejected_frames_total", port=port,
+                            reason="bad_value")
+                self.states.reset(stream, "bad_value")
+                continue
+            metrics.inc("edgernn_frames_total", port=port)
+            started = time.perf_counter()
+            scores = self.states.step(stream, runner.quantize_frame(values))
+            metrics.observe_invoke(time.perf_counter() - started)
+            self._frames_done += 1
+            stream.count += 1
+            probabilities = runner.dequantize_scores(scores)
+            label = self.labels[int(np.argmax(probabilities))]
+            if publish.mode is PublishMode.CHANGE:
+                due = label != stream.last_label
+            else:
+                due = stream.count % publish.every == 0
+            stream.last_label = label
+            if due:
+                self.publisher.submit(Prediction(
+                    port, frame.stream_id,
+                    frame.seq if frame.seq is not None else stream.count,
+                    frame.sensor_time_ms, read_time + wall_offset, label,
+                    tuple(float(p) for p in probabilities),
+                    (time.monotonic() - read_time) * 1000.0))
+                metrics.inc("edgernn_predictions_total")
+
+    def _port_event(self, port: str, connected: bool) -> None:
+        if connected:
+            reader = next(r for r in self.readers if r.port.name == port)
+            if reader.reconnects:
+                self.metrics.inc("edgernn_reconnects_total", port=port)
+            reason = "reconnect"
+        else:
+            reason = "disconnect"
+        # Frames before and after an outage do not belong to one sequence.
+        self.states.reset_port(port, reason)
+
+    def _count_reset(self, key, reason: str) -> None:
+        self.metrics.inc("edgernn_state_resets_total", reason=reason)
+        logger.debug("stream %s/%d reset: %s", key[0], key[1], reason)
+
+    # -- periodic work ---------------------------------------------------------------
+
+    def _update_metrics(self) -> None:
+        """Copies the decoders' counters into the metrics (counters only grow)."""
+        for reader in self.readers:
+            port = reader.port.name
+            totals: collections.Counter = collections.Counter()
+            for stats in [*reader.stats_done, reader.decoder.stats]:
+                totals.update(stats.rejected)
+            for reason, count in totals.items():
+                key = (port, reason)
+                delta = count - self._synced_rejections[key]
+                if delta > 0:
+                    name = ("edgernn_crc_errors_total" if reason == "crc"
+                            else "edgernn_rejected_frames_total")
+                    labels = {"port": port} if reason == "crc" else {
+                        "port": port, "reason": reason}
+                    self.metrics.inc(name, delta, **labels)
+                    self._synced_rejections[key] = count
+        self.metrics.set_gauge("edgernn_streams", len(self.states.streams))
+
+    def _write_textfile(self) -> None:
+        try:
+            self.metrics.write_textfile(self.config.metrics.textfile)
+        except OSError as e:
+            logger.warning("cannot write metrics textfile %s: %s",
+                           self.config.metrics.textfile, e)
+
+    def _snapshot(self) -> None:
+        directory = self.config.state.dir
+        if directory is None:
+            return
+        try:
+            path = self.states.snapshot(directory, self.model_sha256)
+            logger.debug("state snapshot written to %s", path)
+        except OSError as e:
+            logger.warning("cannot write state snapshot to %s: %s", directory, e)
+
+    # -- signals, reload, shutdown -----------------------------------------------
+
+    def _install_signals(self) -> None:
+        def stop(signum, _frame):
+            self.stop_reason = f"signal {signal.Signals(signum).name}"
+
+        def reload(_signum, _frame):
+            self._reload = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _reload_config(self) -> None:
+        """SIGHUP: re-reads the file; applies what can change without a restart."""
+        if self.config_path is None:
+            logger.warning("SIGHUP ignored: no configuration file to re-read")
+            return
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except EdgernnError as e:
+            logger.error("reload failed, keeping the running configuration: %s", e)
+            self.notifier.ready()
+            return
+        if (new.model, new.ports, new.publish.sink, new.mqtt) != (
+                self.config.model, self.config.ports, self.config.publish.sink,
+                self.config.mqtt):
+            logger.warning("reload: model, ports and sink settings change only at a "
+                           "restart; the rest is applied now")
+        self.config = type(new)(model=self.config.model, ports=self.config.ports,
+                                state=new.state, publish=self._keep_sink(new),
+                                mqtt=self.config.mqtt, metrics=new.metrics,
+                                log_level=new.log_level)
+        logging.getLogger().setLevel(new.log_level.upper())
+        logger.info("configuration reloaded from %s", self.config_path)
+        self.notifier.ready()
+
+    def _keep_sink(self, new: Config):
+        import dataclasses
+
+        return dataclasses.replace(new.publish, sink=self.config.publish.sink,
+                                   file=self.config.publish.file,
+                                   queue_size=self.config.publish.queue_size)
+
+    def _shutdown(self) -> None:
+        reason = self.stop_reason or "end of run"
+        self.notifier.stopping()
+        for reader in self.readers:
+            reader.stop()
+        for reader in self.readers:
+            reader.join(timeout=2.0)
+        # Frames already read are run before the state is saved.
+        while True:
+            try:
+                port, frames, read_time = self.frames.get_nowait()
+            except queue.Empty:
+                break
+            if port:
+                self._process(port, frames, read_time)
+        self._snapshot()
+        if self.publisher is not None:
+            self.publisher.close(timeout_s=5.0)
+        self._update_metrics()
+        self.metrics.set_gauge("edgernn_up", 0)
+        if self.config.metrics.textfile is not None:
+            self._write_textfile()
+        logger.info("stopped (%s) after %d frames, %d streams", reason,
+                    self._frames_done, len(self.states.streams))
+
