@@ -249,7 +249,7 @@ class Daemon:
             if due:
                 self.publisher.submit(Prediction(
                     port, frame.stream_id,
-                    frame.seq if frame.seq is not None else stream.count,
+                    frame.seq if frame.seq is not None else stream.total,
                     frame.sensor_time_ms, read_time + wall_offset, label,
                     tuple(float(p) for p in probabilities),
                     (time.monotonic() - read_time) * 1000.0))

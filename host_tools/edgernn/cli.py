@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt", default=None, metavar="HOST:PORT",
                    help="send predictions through this MQTT broker instead of stdout")
     p.add_argument("--streams", type=int, default=4, help="recordings played at once")
-    p.add_argument("--speed", type=float, default=0.0,
+    p.add_argument("--speed", type=float, default=100.0,
                    help="multiple of the recording's 10 Hz; 0 = as fast as possible")
     p.add_argument("--format", choices=("binary", "csv"), default="binary")
     return parser

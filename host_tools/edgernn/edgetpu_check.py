@@ -207,6 +207,7 @@ def check_model(path_or_bytes: str | os.PathLike | bytes | bytearray) -> EdgeTpu
             "export a single-step model without a loop over time",
         )
 
+    buffers = list(model.buffers or [])
     counts: dict[tuple[str, int], int] = {}
     codes = list(model.operatorCodes or [])
     for sg_index, subgraph in enumerate(subgraphs):
@@ -236,7 +237,7 @@ def check_model(path_or_bytes: str | os.PathLike | bytes | bytearray) -> EdgeTpu
 
         for t_index, tensor in enumerate(tensors):
             for kind, line in _check_tensor(
-                tensor, t_index in int32_ok, model.buffers, type_names
+                tensor, t_index in int32_ok, buffers, type_names
             ):
                 add(kind, line if sg_index == 0 else f"subgraph {sg_index}: {line}")
 
