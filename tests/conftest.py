@@ -7,9 +7,9 @@ from mosquitto_broker import MosquittoBroker, find_mosquitto
 @pytest.fixture
 def mosquitto(tmp_path):
     """A running mosquitto on 127.0.0.1 (see tests/mosquitto_broker.py), always
-    stopped afterwards; ``mosquitto.port`` is its port. Skips without mosquitto."""
+    stopped afterwards; ``mosquitto.port`` is its port."""
     if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed: sudo apt-get install mosquitto")
     broker = MosquittoBroker(tmp_path / "mosquitto")
     try:
         broker.start()

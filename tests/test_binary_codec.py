@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from edgernnd.binary_codec import (
     BinaryDecoder,
     cobs_decode,
@@ -24,8 +27,6 @@ from edgernnd.binary_codec import (
     quantize_int16,
 )
 from edgernnd.frames import Frame, FrameKind
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 FIRMWARE_DIR = Path(__file__).resolve().parents[1] / "device" / "firmware"
 FUZZ = settings(

@@ -15,6 +15,7 @@ import textwrap
 import time
 
 import pytest
+
 from edgernn.compile import (
     CompilerReport,
     OperatorStatus,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from edgernnd.csv_codec import (
     CsvDecoder,
     encode_csv_line,
@@ -15,8 +18,6 @@ from edgernnd.csv_codec import (
     format_float32,
 )
 from edgernnd.frames import Frame, FrameKind
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 FUZZ = settings(
     derandomize=True,

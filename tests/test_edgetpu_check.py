@@ -12,6 +12,7 @@ import json
 import flatbuffers
 import numpy as np
 import pytest
+
 from edgernn.edgetpu_check import EDGETPU_OPS, STEP_MODEL_OPS, check_model, load_schema
 from edgernnd.errors import ManifestError
 

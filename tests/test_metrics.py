@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from edgernnd import metrics as metrics_module
 from edgernnd.metrics import INVOKE_WINDOW, Metrics
 

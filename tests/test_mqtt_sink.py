@@ -13,6 +13,14 @@ import threading
 import time
 
 import pytest
+from mosquitto_broker import (
+    MosquittoBroker,
+    Subscriber,
+    find_mosquitto,
+    find_mosquitto_passwd,
+    pick_free_port,
+)
+
 from edgernnd.config import (
     Config,
     ModelConfig,
@@ -26,13 +34,6 @@ from edgernnd.frames import Prediction
 from edgernnd.mqtt_sink import MqttSink, sanitise_topic_level
 from edgernnd.publish import DROPPED_METRIC, Publisher
 from edgernnd.sinks import make_sink
-from mosquitto_broker import (
-    MosquittoBroker,
-    Subscriber,
-    find_mosquitto,
-    find_mosquitto_passwd,
-    pick_free_port,
-)
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None,
                                 reason="mosquitto is not installed")

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+
 from edgernnd.notify import Notifier
 
 RECV_TIMEOUT_S = 2.0

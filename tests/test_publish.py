@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+
 from edgernnd.errors import ConfigError
 from edgernnd.frames import Prediction
 from edgernnd.publish import DROPPED_METRIC, DropCounter, Publisher

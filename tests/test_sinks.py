@@ -7,6 +7,7 @@ import stat
 import sys
 
 import pytest
+
 from edgernnd.config import (
     Config,
     ModelConfig,

@@ -29,7 +29,6 @@ import numpy as np
 from edgernn.step_model import (
     FRAME_INPUT,
     NUMPY_OPS,
-    SCORES_OUTPUT,
     StepSpec,
     make_step_function,
     run_stages,

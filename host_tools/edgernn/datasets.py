@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from edgernnd.errors import DataError
 
 logger = logging.getLogger(__name__)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
 from edgernnd.errors import ManifestError, RuntimeUnavailableError
 
 logger = logging.getLogger(__name__)
