@@ -14,6 +14,7 @@ Known traps handled here:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import platform
@@ -139,6 +140,13 @@ def load_edgetpu_delegate(runtime: Runtime, device: str | None = None) -> Any:
             installed, no Edge TPU is plugged in, or the user may not open it.
     """
     options = {"device": device} if device else {}
+    # Open the library first: a failed load_delegate leaves a half-built Delegate
+    # whose destructor prints a stray traceback (tflite_runtime 2.14), and a
+    # missing library is the commonest failure.
+    try:
+        ctypes.CDLL(EDGETPU_LIBRARY)
+    except OSError as e:
+        raise RuntimeUnavailableError(explain_edgetpu_failure(str(e))) from e
     try:
         return runtime.load_delegate(EDGETPU_LIBRARY, options)
     except (ValueError, OSError) as e:
