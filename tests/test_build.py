@@ -130,3 +130,20 @@ def test_write_model_folder_leaves_nothing_when_filling_fails(tmp_path):
         build.write_model_folder(out, fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_train_classifier_is_repeatable_with_a_seed():
+    from edgernn.train import TrainSettings, train_classifier
+
+    sequences = _data(count=8, frames=20)
+    labels = np.arange(8) % CLASSES
+    settings = TrainSettings(cell="gru", units=8, epochs=2, seed=3)
+    first = train_classifier(sequences, labels, CLASSES, settings, progress=False)
+    second = train_classifier(sequences, labels, CLASSES, settings, progress=False)
+    other = train_classifier(sequences, labels, CLASSES,
+                             TrainSettings(cell="gru", units=8, epochs=2, seed=4),
+                             progress=False)
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b)
+               for a, b in zip(first.get_weights(), other.get_weights()))
