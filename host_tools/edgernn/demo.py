@@ -160,7 +160,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
     print(f"starting edgernnd on {tty} (virtual serial link)", file=sys.stderr)
-    daemon = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sys.stderr,
+    daemon = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=None,
                               env=env, text=True)
     reader = None
     try:
