@@ -126,10 +126,17 @@ class PortReader(threading.Thread):
     def _read_until_lost(self) -> str:
         ser = self._serial
         decoder = self.decoder
+        # pyserial's socket:// reports in_waiting as 0 or 1 (readable or not),
+        # so what is waiting is read in a second call that does not wait.
+        network = self.port.url.startswith("socket://")
         while not self._stopping.is_set():
             try:
                 waiting = ser.in_waiting
                 data = ser.read(min(max(waiting, 1), READ_CHUNK_BYTES))
+                if network and data:
+                    ser.timeout = 0
+                    data += ser.read(READ_CHUNK_BYTES - len(data))
+                    ser.timeout = READ_TIMEOUT_S
             except (serial.SerialException, OSError) as e:
                 return str(e) or type(e).__name__
             if not data:
