@@ -171,3 +171,34 @@ def test_make_sink_mqtt_without_paho_is_config_error(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match="paho-mqtt is not installed"):
         make_sink(make_config(tmp_path, sink=SinkKind.MQTT), LABELS)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_encode_prediction_equals_json_module_output(seed):
+    import random
+
+    rng = random.Random(seed)
+    labels = ("Standing", 'quo"te', "ünïcode", "b")
+    scores = tuple(rng.randrange(256) / 256 for _ in labels)
+    prediction = Prediction(
+        port=rng.choice(["pts0", "imu/0", 'we"ird']), stream_id=rng.randrange(65536),
+        seq=rng.randrange(65536),
+        sensor_time_ms=rng.choice([None, rng.randrange(2**32)]),
+        host_time=1.7e9 + rng.random(), label=rng.choice(labels), scores=scores,
+        latency_ms=rng.random() * 10)
+    expected = json.dumps(prediction.to_json_dict(labels), separators=(",", ":"),
+                          allow_nan=False).encode()
+    assert encode_prediction(prediction, labels) == expected
+
+
+def test_publisher_writes_batches_of_lines_in_order():
+    from edgernnd.publish import Publisher
+
+    stream = io.BytesIO()
+    sink = StdoutSink(("a", "b"), stream=stream)
+    publisher = Publisher(sink, queue_size=10_000)
+    publisher.submit_many([make_prediction(seq) for seq in range(3000)])
+    assert publisher.close(timeout_s=10)
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == list(range(3000))
+    assert publisher.published == 3000 and publisher.dropped == 0
