@@ -69,7 +69,7 @@ def encode_prediction(prediction: Prediction, labels: tuple[str, ...]) -> bytes:
         f'"host_time":{round(p.host_time, 6)!r},"label":{_json_string(p.label)},'
         f'"confidence":{_score_text(max(p.scores))},"scores":{{{pairs}}},'
         f'"latency_ms":{round(p.latency_ms, 3)!r}}}'
-    ).encode("utf-8")
+    ).encode()
 
 
 @functools.lru_cache(maxsize=4096)
