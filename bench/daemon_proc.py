@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -87,7 +89,10 @@ class DaemonProcess:
         self.metrics_path = work_dir / f"metrics-{tag}.prom"
         self.stderr_path = work_dir / f"edgernnd-{tag}.log"
         write_config(self.config_path, model_dir, ports, self.metrics_path)
-        notify_path = work_dir / f"notify-{tag}.sock"
+        # A socket path is limited to 107 bytes, which a deep work_dir (pytest's
+        # temporary folders) can exceed: the socket gets a short folder of its own.
+        self._notify_dir = tempfile.mkdtemp(prefix="edgernn-")
+        notify_path = Path(self._notify_dir) / f"notify-{tag}.sock"
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(str(notify_path))
         self._notify.settimeout(0.1)
@@ -215,6 +220,7 @@ class DaemonProcess:
         for thread in self._threads:
             thread.join(timeout=5.0)
         self._notify.close()
+        shutil.rmtree(self._notify_dir, ignore_errors=True)
         self._stderr.close()
         return code
 

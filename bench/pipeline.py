@@ -74,11 +74,19 @@ class NullSink:
     def wait(self, timeout_s: float) -> bool:
         return self._reached.wait(timeout_s)
 
-    def publish(self, prediction: Prediction) -> None:
-        self.encoded_bytes += len(encode_prediction(prediction, self._labels)) + 1
-        self.count += 1
+    def encode(self, prediction: Prediction) -> bytes:
+        """As the stdout and file sinks: one JSON line."""
+        return encode_prediction(prediction, self._labels) + b"\n"
+
+    def write_lines(self, lines: list[bytes]) -> None:
+        """Takes a batch as the line sinks do, and drops it."""
+        self.encoded_bytes += sum(map(len, lines))
+        self.count += len(lines)
         if self.count >= self._target:
             self._reached.set()
+
+    def publish(self, prediction: Prediction) -> None:
+        self.write_lines([self.encode(prediction)])
 
     def close(self) -> None:
         pass
@@ -92,6 +100,10 @@ class _InlinePublisher:
 
     def submit(self, prediction: Prediction) -> None:
         self.sink.publish(prediction)
+
+    def submit_many(self, predictions: list[Prediction]) -> None:
+        for prediction in predictions:
+            self.sink.publish(prediction)
 
 
 def make_daemon(model_dir: str) -> Daemon:
@@ -187,6 +199,9 @@ class _NoPublisher:
     """Takes predictions and does nothing, to time ``_process`` without the sink."""
 
     def submit(self, prediction: Prediction) -> None:
+        pass
+
+    def submit_many(self, predictions: list[Prediction]) -> None:
         pass
 
 

@@ -36,3 +36,17 @@ def basicmotions_test():
     from edgernn.datasets import load_builtin
 
     return load_builtin("basicmotions")[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the long variants marked slow (soak, many replugs)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="long variant; run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)

@@ -109,6 +109,46 @@ def _setup_logging(level: str, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else level.upper())
 
 
+def check_ports(config: Config) -> None:
+    """Checks that every configured device path exists.
+
+    The daemon waits for a missing port (an adapter may be plugged in later), so
+    only ``--check-config`` treats one as an error. URLs such as ``socket://``
+    and ``rfc2217://`` are reachable only by connecting and are not checked.
+
+    Raises:
+        ConfigError: A device path does not exist.
+    """
+    for i, port in enumerate(config.ports):
+        if "://" not in port.url and not os.path.exists(port.url):
+            raise ConfigError(
+                f"port[{i}].url {port.url!r} does not exist; plug the device in or "
+                "fix the path (the daemon would keep retrying it)")
+
+
+def check_config(config: Config) -> int:
+    """``--check-config``: the ports exist and the model loads and runs.
+
+    Raises:
+        ConfigError: A port does not exist.
+        ManifestError: The manifest or a model file is bad.
+        RuntimeUnavailableError: No runtime can load the model.
+    """
+    import numpy as np
+
+    from edgernnd.daemon import load_runner
+    from edgernnd.manifest import load_manifest
+
+    check_ports(config)
+    manifest = load_manifest(config.model.dir)
+    runner = load_runner(config, manifest)
+    runner.run_sequence(np.asarray([manifest.mean], np.float32))  # one invoke
+    print(f"configuration OK: {len(config.ports)} ports, model {manifest.name} "
+          f"({manifest.features} features, {len(manifest.labels)} labels) on "
+          f"{runner.variant}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level or "info", args.debug)
@@ -116,13 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         config = make_config(args)
         _setup_logging(config.log_level, args.debug)
         if args.check_config:
-            from edgernnd.manifest import load_manifest
-
-            manifest = load_manifest(config.model.dir)
-            print(f"configuration OK: {len(config.ports)} ports, model "
-                  f"{manifest.name} ({manifest.features} features, "
-                  f"{len(manifest.labels)} labels)")
-            return 0
+            return check_config(config)
         from edgernnd.daemon import Daemon
 
         daemon = Daemon(config, args.config)

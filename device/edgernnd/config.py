@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -147,8 +149,11 @@ class MqttConfig:
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     """Attributes:
-    textfile: Prometheus textfile written atomically every interval (or None).
-    listen: ``127.0.0.1:PORT`` to serve ``/metrics``; empty = no listener.
+    textfile: Prometheus textfile written atomically every interval, mode 0640
+        (or None).
+    listen: ``HOST:PORT`` to serve ``/metrics``, HOST a loopback address
+        (``127.0.0.1``, ``[::1]``, ``localhost``); port 0 takes a free port (the
+        log says which); empty = no listener.
     interval_s: Period of textfile writes and STATUS= updates.
     """
 
@@ -194,6 +199,9 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Confi
         raise ConfigError(f"cannot read configuration {str(path)!r}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:  # tomllib decodes before it parses
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (byte "
+                          f"{e.object[e.start]:#04x} at offset {e.start})") from e
     return parse_config(raw, overrides, base_dir=path.parent)
 
 
@@ -371,15 +379,43 @@ def _check_ranges(c: Config) -> None:
     need(m.keepalive_s >= 5, "mqtt.keepalive_s", m.keepalive_s, ">= 5")
     need(m.topic_prefix.strip("/") != "" and not any(ch in m.topic_prefix for ch in "+#"),
          "mqtt.topic_prefix", m.topic_prefix, "a topic without wildcards")
+    if pb.file is not None:
+        need(pb.file.parent.is_dir(), "publish.file", str(pb.file),
+             "a path in an existing directory")
     if m.password_file is not None:
         need(m.password_file.is_file(), "mqtt.password_file", str(m.password_file),
              "an existing file")
+        need(bool(m.username), "mqtt.username", m.username,
+             "set when mqtt.password_file is set")
     if m.tls_ca_file is not None:
         need(m.tls_ca_file.is_file(), "mqtt.tls_ca_file", str(m.tls_ca_file),
              "an existing CA file")
+        need(_is_ca_file(m.tls_ca_file), "mqtt.tls_ca_file", str(m.tls_ca_file),
+             "a file of PEM CA certificates")
     mt = c.metrics
     need(mt.interval_s > 0, "metrics.interval_s", mt.interval_s, "> 0")
     if mt.listen:
         host, _, port = mt.listen.rpartition(":")
-        need(host != "" and port.isdigit() and 0 < int(port) < 65536, "metrics.listen",
-             mt.listen, "HOST:PORT such as 127.0.0.1:9108")
+        need(host != "" and port.isdigit() and int(port) < 65536, "metrics.listen",
+             mt.listen, "HOST:PORT such as 127.0.0.1:9108 (port 0: any free port)")
+        # Metrics name the ports and show the traffic: loopback only (a reverse
+        # proxy or node_exporter's textfile collector can take them further).
+        need(_is_loopback(host), "metrics.listen", mt.listen,
+             "a loopback address: 127.0.0.1, [::1] or localhost")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_ca_file(path: Path) -> bool:
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError, ValueError):
+        return False
+    return True

@@ -14,21 +14,21 @@ why the daemon stopped.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import queue
 import signal
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from edgernnd.config import Accelerator, Config, PublishMode, load_config
-from edgernnd.errors import EdgernnError, RuntimeUnavailableError
+from edgernnd.errors import ConfigError, EdgernnError, RuntimeUnavailableError
 from edgernnd.frames import Frame, FrameKind, Prediction
-from edgernnd.manifest import Manifest, load_manifest
-from edgernnd.metrics import MetricKind, Metrics
+from edgernnd.manifest import Manifest, load_manifest, write_bytes_atomic
+from edgernnd.metrics import MetricKind, Metrics, MetricsServer
 from edgernnd.notify import Notifier
 from edgernnd.publish import Publisher
 from edgernnd.runner import StepRunner
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 FRAME_QUEUE_CHUNKS = 4096
 TICK_S = 0.2
 PORT_OPEN_WAIT_S = 2.0
+TEXTFILE_MODE = 0o640
 SEQ_MODULO = 1 << 16
 
 
@@ -95,16 +96,37 @@ class Daemon:
         self.frames: queue.Queue = queue.Queue(FRAME_QUEUE_CHUNKS)
         self.readers: list[PortReader] = []
         self.publisher: Publisher | None = None
+        self.metrics_server: MetricsServer | None = None
         self.stop_reason: str | None = None
         self._reload = False
         self._frames_done = 0
         self._dropped_chunks = 0
         self._synced_rejections: dict = collections.defaultdict(int)
+        self._ports_seen: set[str] = set()  # ports connected at least once
+        self._snapshot_failing = False
+        # False until the snapshot was read: a start that fails before must not
+        # overwrite a good snapshot with empty states at shutdown.
+        self._states_loaded = False
 
     # -- start-up -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Everything up to READY=1: first invoke, snapshot, sink, ports."""
+        """Everything up to READY=1: metrics listener, first invoke, snapshot,
+        sink, ports.
+
+        Raises:
+            ConfigError: ``metrics.listen`` cannot be bound, or the sink cannot
+                be set up.
+        """
+        listen = self.config.metrics.listen
+        if listen:
+            host, _, port = listen.rpartition(":")
+            try:
+                self.metrics_server = self.metrics.serve_http(host.strip("[]"),
+                                                              int(port))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"metrics.listen {listen!r} cannot be served: "
+                                  f"{e}") from e
         scores = self.runner.step(self.runner.quantize_frame(
             np.asarray(self.manifest.mean, np.float32)), self.runner.zero_states())
         logger.info("model %s loaded (%s, %s): %d features, %d states, %d labels; "
@@ -115,6 +137,7 @@ class Daemon:
         if state_dir is not None:
             self.states.restore(state_dir, self.model_sha256,
                                 self.config.state.snapshot_max_age_s)
+        self._states_loaded = True
         sink = make_sink(self.config, self.labels, self.metrics)
         self.publisher = Publisher(sink, self.config.publish.queue_size, self.metrics)
         for port in self.config.ports:
@@ -206,60 +229,81 @@ class Daemon:
                 self._reload_config()
 
     def _process(self, port: str, frames: list[Frame], read_time: float) -> None:
+        """Runs one chunk of frames read from a port; publishes their predictions.
+
+        This is the per-frame path, so what does not change between frames is
+        looked up once per chunk, counters are added once per chunk, and the
+        predictions of the chunk go to the publisher in one hand-over.
+        """
         state = self.config.state
         publish = self.config.publish
-        wall_offset = time.time() - time.monotonic()
-        metrics = self.metrics
+        change_only = publish.mode is PublishMode.CHANGE
+        every = publish.every
+        limit = state.value_limit
+        idle_s = state.idle_reset_s
+        max_gap = state.max_seq_gap
+        states = self.states
         runner = self.runner
+        labels = self.labels
+        observe = self.metrics.observe_invoke
+        perf = time.perf_counter
+        host_time = read_time + (time.time() - time.monotonic())
+        out = []
+        done = 0
         for frame in frames:
-            stream = self.states.get((port, frame.stream_id))
+            stream = states.get((port, frame.stream_id))
             if frame.kind is FrameKind.RESET:
-                self.states.reset(stream, "reset_frame")
+                states.reset(stream, "reset_frame")
                 stream.last_seq = frame.seq
                 stream.last_seen = read_time
                 continue
-            if stream.last_seen and read_time - stream.last_seen > state.idle_reset_s:
-                self.states.reset(stream, "idle")
-            if frame.seq is not None and stream.last_seq is not None:
-                gap = (frame.seq - stream.last_seq) % SEQ_MODULO
-                if gap > state.max_seq_gap:
-                    metrics.inc("edgernn_seq_gaps_total", port=port)
-                    self.states.reset(stream, "seq_gap")
-            stream.last_seq = frame.seq
+            if stream.last_seen and read_time - stream.last_seen > idle_s:
+                states.reset(stream, "idle")
+            seq = frame.seq
+            if seq is not None and stream.last_seq is not None:
+                if (seq - stream.last_seq) % SEQ_MODULO > max_gap:
+                    self.metrics.inc("edgernn_seq_gaps_total", port=port)
+                    states.reset(stream, "seq_gap")
+            stream.last_seq = seq
             stream.last_seen = read_time
             values = frame.values
-            if not np.all(np.abs(values) <= state.value_limit):  # NaN fails too
-                metrics.inc("edgernn_rejected_frames_total", port=port,
-                            reason="bad_value")
-                self.states.reset(stream, "bad_value")
+            if not np.abs(values).max() <= limit:  # NaN fails the test too
+                self.metrics.inc("edgernn_rejected_frames_total", port=port,
+                                 reason="bad_value")
+                states.reset(stream, "bad_value")
                 continue
-            metrics.inc("edgernn_frames_total", port=port)
-            started = time.perf_counter()
-            scores = self.states.step(stream, runner.quantize_frame(values))
-            metrics.observe_invoke(time.perf_counter() - started)
-            self._frames_done += 1
+            started = perf()
+            scores = states.step(stream, runner.quantize_frame(values))
+            observe(perf() - started)
+            done += 1
             stream.count += 1
-            probabilities = runner.dequantize_scores(scores)
-            label = self.labels[int(np.argmax(probabilities))]
-            if publish.mode is PublishMode.CHANGE:
+            best, probabilities = runner.read_scores(scores)
+            label = labels[best]
+            if change_only:
                 due = label != stream.last_label
             else:
-                due = stream.count % publish.every == 0
+                due = stream.count % every == 0
             stream.last_label = label
             if due:
-                self.publisher.submit(Prediction(
-                    port, frame.stream_id,
-                    frame.seq if frame.seq is not None else stream.total,
-                    frame.sensor_time_ms, read_time + wall_offset, label,
-                    tuple(float(p) for p in probabilities),
+                out.append(Prediction(
+                    port, frame.stream_id, seq if seq is not None else stream.total,
+                    frame.sensor_time_ms, host_time, label, probabilities,
                     (time.monotonic() - read_time) * 1000.0))
-                metrics.inc("edgernn_predictions_total")
+        if done:
+            self._frames_done += done
+            self.metrics.inc("edgernn_frames_total", done, port=port)
+        if out:
+            self.metrics.inc("edgernn_predictions_total", len(out))
+            self.publisher.submit_many(out)
 
     def _port_event(self, port: str, connected: bool) -> None:
         if connected:
-            reader = next(r for r in self.readers if r.port.name == port)
-            if reader.reconnects:
-                self.metrics.inc("edgernn_reconnects_total", port=port)
+            if port not in self._ports_seen:
+                # The first connection: the states are fresh or were restored
+                # from a snapshot, and resetting them would undo the restore.
+                self._ports_seen.add(port)
+                return
+            self.metrics.inc("edgernn_reconnects_total", port=port)
             reason = "reconnect"
         else:
             reason = "disconnect"
@@ -292,21 +336,41 @@ class Daemon:
         self.metrics.set_gauge("edgernn_streams", len(self.states.streams))
 
     def _write_textfile(self) -> None:
+        # Not Metrics.write_textfile, which makes the file 0644: the metrics name
+        # the ports and show the traffic, so like the snapshot (0600) and the
+        # predictions file (0640) they are not for every local user. A scraper
+        # reads the file through the group (node_exporter in the group of the
+        # daemon) or scrapes metrics.listen on loopback instead.
         try:
-            self.metrics.write_textfile(self.config.metrics.textfile)
+            write_bytes_atomic(self.config.metrics.textfile,
+                               self.metrics.render().encode("utf-8"),
+                               mode=TEXTFILE_MODE)
         except OSError as e:
             logger.warning("cannot write metrics textfile %s: %s",
                            self.config.metrics.textfile, e)
 
-    def _snapshot(self) -> None:
+    def _snapshot(self, final: bool = False) -> None:
         directory = self.config.state.dir
         if directory is None:
             return
         try:
             path = self.states.snapshot(directory, self.model_sha256)
-            logger.debug("state snapshot written to %s", path)
         except OSError as e:
-            logger.warning("cannot write state snapshot to %s: %s", directory, e)
+            # A directory that stays unwritable would warn at every interval:
+            # warn once, repeat at DEBUG, and always warn for the last snapshot
+            # at shutdown (without it the next start begins from zero states).
+            if self._snapshot_failing and not final:
+                logger.debug("cannot write state snapshot to %s: %s", directory, e)
+            else:
+                logger.warning("cannot write state snapshot to %s%s: %s", directory,
+                               " at shutdown" if final else "", e)
+            self._snapshot_failing = True
+            return
+        if self._snapshot_failing:
+            logger.info("state snapshot written to %s again", path)
+            self._snapshot_failing = False
+        else:
+            logger.debug("state snapshot written to %s", path)
 
     # -- signals, reload, shutdown -----------------------------------------------
 
@@ -333,22 +397,22 @@ class Daemon:
             logger.error("reload failed, keeping the running configuration: %s", e)
             self.notifier.ready()
             return
-        if (new.model, new.ports, new.publish.sink, new.mqtt) != (
+        if (new.model, new.ports, new.publish.sink, new.mqtt, new.metrics.listen) != (
                 self.config.model, self.config.ports, self.config.publish.sink,
-                self.config.mqtt):
-            logger.warning("reload: model, ports and sink settings change only at a "
-                           "restart; the rest is applied now")
+                self.config.mqtt, self.config.metrics.listen):
+            logger.warning("reload: model, ports, sink settings and metrics.listen "
+                           "change only at a restart; the rest is applied now")
         self.config = type(new)(model=self.config.model, ports=self.config.ports,
                                 state=new.state, publish=self._keep_sink(new),
-                                mqtt=self.config.mqtt, metrics=new.metrics,
+                                mqtt=self.config.mqtt,
+                                metrics=dataclasses.replace(
+                                    new.metrics, listen=self.config.metrics.listen),
                                 log_level=new.log_level)
         logging.getLogger().setLevel(new.log_level.upper())
         logger.info("configuration reloaded from %s", self.config_path)
         self.notifier.ready()
 
     def _keep_sink(self, new: Config):
-        import dataclasses
-
         return dataclasses.replace(new.publish, sink=self.config.publish.sink,
                                    file=self.config.publish.file,
                                    queue_size=self.config.publish.queue_size)
@@ -368,13 +432,16 @@ class Daemon:
                 break
             if port:
                 self._process(port, frames, read_time)
-        self._snapshot()
+        if self._states_loaded:
+            self._snapshot(final=True)
         if self.publisher is not None:
             self.publisher.close(timeout_s=5.0)
         self._update_metrics()
         self.metrics.set_gauge("edgernn_up", 0)
         if self.config.metrics.textfile is not None:
             self._write_textfile()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         logger.info("stopped (%s) after %d frames, %d streams", reason,
                     self._frames_done, len(self.states.streams))
 

@@ -114,6 +114,8 @@ class Publisher:
         self.published = 0
         self.failed = 0
         self._failures_logged_at: float | None = None
+        self._batched = hasattr(sink, "write_lines")
+        self._in_hand = 0  # predictions taken from the queue, not yet published
         self._worker = threading.Thread(
             target=self._run, name=f"publish-{sink.name}", daemon=True
         )
@@ -173,7 +175,11 @@ class Publisher:
 
         if self._worker.is_alive():
             with self._cond:
-                left = len(self._queue)
+                # A line sink stuck in its write holds a batch besides the queue;
+                # those predictions never arrive either (for other sinks the one
+                # in hand is not counted: it may still get through).
+                in_hand = self._in_hand if self._batched else 0
+                left = len(self._queue) + in_hand
                 self._queue.clear()
                 self._drops.add(left, "still queued at shutdown")
             _log.warning(
@@ -204,6 +210,7 @@ class Publisher:
                     return
                 queue = self._queue
                 batch = [queue.popleft() for _ in range(min(len(queue), batch_size))]
+                self._in_hand = len(batch)
 
             if write_lines is None:
                 self._publish_one(batch[0])
@@ -221,6 +228,7 @@ class Publisher:
                 self._note_failure(e)
             else:
                 self.published += len(lines)
+            self._in_hand = 0
 
     def _publish_one(self, prediction: Prediction) -> None:
         try:

@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 0.05
 READ_CHUNK_BYTES = 4096
+# A connection lost sooner than this without a byte read counts as a failed
+# open: a ser2net whose device is gone accepts and hangs up at once, several
+# times a second; without backoff the reader would reopen it (and log twice)
+# at that rate forever. A sensor replugged after streaming reconnects at once.
+STABLE_CONNECTION_S = 1.0
 
 
 def make_decoder(port: PortConfig, channels: int):
@@ -78,6 +83,7 @@ class PortReader(threading.Thread):
         self.connected = threading.Event()
         self._stopping = threading.Event()
         self._serial: serial.SerialBase | None = None
+        self._bytes_read = 0  # in the current connection
 
     def stop(self) -> None:
         self._stopping.set()
@@ -91,6 +97,7 @@ class PortReader(threading.Thread):
         delay = self.backoff_initial_s
         ever_connected = False
         outage_logged = False
+        flapping = False  # connections keep ending at once without data
         while not self._stopping.is_set():
             try:
                 self._serial = self.open_port()
@@ -108,19 +115,32 @@ class PortReader(threading.Thread):
                 self.reconnects += 1
                 self.stats_done.append(self.decoder.stats)
                 self.decoder = make_decoder(self.port, self.channels)
-            logger.info("port %s open: %s", self.port.name, self.port.url)
+            logger.log(logging.DEBUG if flapping else logging.INFO,
+                       "port %s open: %s", self.port.name, self.port.url)
             ever_connected, outage_logged = True, False
-            delay = self.backoff_initial_s
             self.connected.set()
             self.on_connect(self.port.name, True)
+            opened_at = time.monotonic()
+            self._bytes_read = 0
             reason = self._read_until_lost()
             self.connected.clear()
             self._close()
             if self._stopping.is_set():
                 break
-            logger.warning("port %s lost: %s; reconnecting", self.port.name, reason)
-            outage_logged = True
             self.on_connect(self.port.name, False)
+            if self._bytes_read or time.monotonic() - opened_at >= STABLE_CONNECTION_S:
+                logger.warning("port %s lost: %s; reconnecting", self.port.name, reason)
+                outage_logged, flapping = True, False
+                delay = self.backoff_initial_s
+                continue
+            self.open_failures += 1
+            logger.log(logging.DEBUG if flapping else logging.WARNING,
+                       "port %s (%s) lost right after opening: %s; retrying every "
+                       "%.1f s at most", self.port.name, self.port.url, reason,
+                       self.backoff_max_s)
+            outage_logged = flapping = True
+            self._stopping.wait(delay)
+            delay = min(delay * 2, self.backoff_max_s)
         self._close()
 
     def _read_until_lost(self) -> str:
@@ -141,6 +161,7 @@ class PortReader(threading.Thread):
                 return str(e) or type(e).__name__
             if not data:
                 continue
+            self._bytes_read += len(data)
             read_time = time.monotonic()
             frames = decoder.feed(data)
             if frames:

@@ -183,10 +183,13 @@ class StreamStates:
                     states = [[self._checked(data[f"s{i}_{k}_{j}"], j)
                                for j in range(len(self.runner.state_shapes))]
                               for k in range(self.copies)]
-                    stream = Stream(key, states, [int(v) for v in data[f"f{i}"]],
-                                    total=int(meta["total"][i]),
-                                    last_seq=meta["seq"][i],
+                    frames = [int(v) for v in data[f"f{i}"]]
+                    stream = Stream(key, states, frames, total=int(meta["total"][i]),
+                                    last_seq=self._checked_seq(meta["seq"][i]),
                                     last_seen=time.monotonic())
+                    if len(frames) != self.copies:
+                        raise ValueError(f"stream {key} has {len(frames)} frame "
+                                         f"counts, expected {self.copies}")
                     restored[key] = stream
         except (OSError, ValueError, KeyError, TypeError, IndexError,
                 zipfile.BadZipFile, EOFError) as e:
@@ -197,6 +200,14 @@ class StreamStates:
         logger.info("restored the state of %d streams from %s (%.0f s old)",
                     len(restored), path, age_s)
         return len(restored)
+
+    @staticmethod
+    def _checked_seq(seq) -> int | None:
+        # The daemon subtracts it from the next frame's seq; a wrong type here
+        # would crash the main loop at that frame instead of being refused now.
+        if seq is None or (type(seq) is int and 0 <= seq < 1 << 16):
+            return seq
+        raise ValueError(f"sequence number {seq!r} is not an integer in 0..65535")
 
     def _checked(self, array: np.ndarray, j: int) -> np.ndarray:
         shape = self.runner.state_shapes[j]
