@@ -53,9 +53,10 @@ class PtyPort:
 
 
 def write_config(path: Path, model_dir: str | os.PathLike, ports: list[PtyPort],
-                 metrics_file: Path) -> None:
+                 metrics_file: Path, pin_cpu: bool = True) -> None:
     """A TOML configuration: ports named p0, p1, ...; stdout sink; no snapshots."""
-    lines = ["[model]", f"dir = {json.dumps(str(model_dir))}", 'accelerator = "cpu"', ""]
+    lines = ["[model]", f"dir = {json.dumps(str(model_dir))}", 'accelerator = "cpu"',
+             f"pin_cpu = {'true' if pin_cpu else 'false'}", ""]
     for i, port in enumerate(ports):
         lines += ["[[port]]", f"url = {json.dumps(port.path)}", f'name = "p{i}"',
                   "baudrate = 921600", 'format = "binary"', ""]
@@ -88,7 +89,10 @@ class DaemonProcess:
         self.config_path = work_dir / f"edgernnd-{tag}.toml"
         self.metrics_path = work_dir / f"metrics-{tag}.prom"
         self.stderr_path = work_dir / f"edgernnd-{tag}.log"
-        write_config(self.config_path, model_dir, ports, self.metrics_path)
+        # cpus=None measures the daemon spread over every CPU, so it must not
+        # pin itself (model.pin_cpu, its default).
+        write_config(self.config_path, model_dir, ports, self.metrics_path,
+                     pin_cpu=cpus is not None)
         # A socket path is limited to 107 bytes, which a deep work_dir (pytest's
         # temporary folders) can exceed: the socket gets a short folder of its own.
         self._notify_dir = tempfile.mkdtemp(prefix="edgernn-")

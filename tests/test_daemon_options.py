@@ -2,12 +2,14 @@
 and a port reached through a network URL (as from ser2net)."""
 
 import json
+import os
 import shutil
 import signal
 import socket
 import threading
 
 import numpy as np
+import pytest
 from daemon_harness import Daemon, PtyPort
 
 from edgernnd.binary_codec import encode_frame
@@ -180,3 +182,38 @@ def test_daemon_reads_socket_url_like_ser2net(basicmotions_model, basicmotions_t
     assert [r["seq"] for r in records] == list(range(len(recording)))
     labels = load_manifest(basicmotions_model).labels
     assert records[-1]["label"] in labels
+
+
+def _allowed_cpus(pid: int) -> set[str]:
+    """The CPU lists of every thread of a process, from /proc."""
+    lists = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            for line in f:
+                if line.startswith("Cpus_allowed_list:"):
+                    lists.add(line.split(":", 1)[1].strip())
+    return lists
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_daemon_pins_all_threads_to_one_cpu_unless_told_not_to(
+        basicmotions_model, tmp_path, pin):
+    port = PtyPort()
+    config = _config(tmp_path, basicmotions_model, port.tty)
+    text = config.read_text().replace(
+        'accelerator = "cpu"\n', f'accelerator = "cpu"\npin_cpu = {str(pin).lower()}\n')
+    config.write_text(text)
+    daemon = Daemon(["--config", str(config)], tmp_path)
+    try:
+        daemon.wait_ready()
+        lists = _allowed_cpus(daemon.process.pid)
+    finally:
+        daemon.stop()
+        port.close()
+    everything = os.sched_getaffinity(0)
+    if pin:
+        assert lists == {str(max(everything))}
+    else:
+        # Every thread keeps every CPU (one list such as "0-1", not one CPU).
+        assert len(lists) == 1
+        assert lists != {str(max(everything))} or len(everything) == 1

@@ -51,10 +51,15 @@ class ModelConfig:
     """Attributes:
     dir: Directory holding ``manifest.json`` and the ``.tflite`` files.
     accelerator: cpu, edgetpu, or auto (Edge TPU if usable, else CPU with a warning).
+    pin_cpu: Run all of the daemon's threads on one CPU (the last it may use).
+        Its threads share one Python interpreter lock; spread over several cores
+        they hand it back and forth, which cost more than a core's worth of
+        throughput and most of the latency in the benchmarks (bench/).
     """
 
     dir: Path
     accelerator: Accelerator = Accelerator.AUTO
+    pin_cpu: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

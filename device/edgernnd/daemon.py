@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import logging
 import math
+import os
 import queue
 import signal
 import time
@@ -70,6 +71,30 @@ def load_runner(config: Config, manifest: Manifest) -> StepRunner:
     return StepRunner(manifest, "int8", runtime)
 
 
+def pin_to_one_cpu() -> int | None:
+    """Restricts every thread of the process, and those started later, to one CPU.
+
+    Threads already running (numpy's BLAS pool, the interpreter's) are pinned
+    one by one through /proc/self/task; new threads inherit the setting.
+
+    Returns:
+        The CPU (the highest-numbered one allowed, away from CPU 0 where most
+        interrupts land), or None where the platform cannot pin.
+    """
+    try:
+        cpu = max(os.sched_getaffinity(0))
+        for task in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(task), {cpu})
+            except ProcessLookupError:  # the thread ended meanwhile
+                pass
+        os.sched_setaffinity(0, {cpu})
+    except (AttributeError, OSError) as e:
+        logger.warning("cannot pin to one CPU: %s", e)
+        return None
+    return cpu
+
+
 class Daemon:
     """One running edgernnd.
 
@@ -118,6 +143,11 @@ class Daemon:
             ConfigError: ``metrics.listen`` cannot be bound, or the sink cannot
                 be set up.
         """
+        if self.config.model.pin_cpu:
+            # Before any thread starts: threads inherit their creator's CPU set.
+            cpu = pin_to_one_cpu()
+            if cpu is not None:
+                logger.info("running on CPU %d (model.pin_cpu)", cpu)
         listen = self.config.metrics.listen
         if listen:
             host, _, port = listen.rpartition(":")
