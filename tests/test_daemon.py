@@ -5,14 +5,11 @@ edgernnd process (which cannot import TensorFlow); its predictions must equal th
 int8 model run directly on the same frames, frame for frame and stream by stream.
 """
 
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from daemon_harness import NO_TENSORFLOW, Daemon, PtyPort
+from daemon_harness import Daemon, PtyPort, expected_scores
 
 from edgernn.replay import replay
 from edgernnd.binary_codec import encode_frame
@@ -21,33 +18,6 @@ from edgernnd.manifest import load_manifest
 
 STREAMS = 4
 RECORDINGS = 8
-
-
-def _expected_scores(model_dir, recordings, tmp_path, runtime="tflite_runtime"):
-    """The int8 model run directly on the recordings, with the daemon's runtime.
-
-    It runs in a child process like the daemon's: this one has imported
-    TensorFlow, beside which tflite_runtime 2.14 cannot load a model. The two
-    runtimes' int8 kernels may differ by one quantization step, so the
-    comparison uses the same runtime on both sides.
-    """
-    np.savez(tmp_path / "recordings.npz", *recordings)
-    code = (
-        "import sys, numpy as np\n"
-        "from edgernnd.manifest import load_manifest\n"
-        "from edgernnd.runner import StepRunner\n"
-        "from edgernnd.runtime import import_runtime\n"
-        "runner = StepRunner(load_manifest(sys.argv[1]), 'int8', "
-        "import_runtime(sys.argv[4]))\n"
-        "data = np.load(sys.argv[2])\n"
-        "np.savez(sys.argv[3], *[runner.run_sequence(data[k]) for k in data.files])\n"
-    )
-    out = tmp_path / "expected.npz"
-    subprocess.run([sys.executable, "-c", code, str(model_dir),
-                    str(tmp_path / "recordings.npz"), str(out), runtime], check=True,
-                   env=dict(os.environ, PYTHONPATH=str(NO_TENSORFLOW)))
-    with np.load(out) as data:
-        return [data[f"arr_{i}"] for i in range(len(recordings))]
 
 
 @pytest.mark.parametrize("wire_format, runtime", [
@@ -70,7 +40,7 @@ def test_daemon_predictions_equal_int8_model_frame_for_frame(
         port.close()
     assert code == 0, daemon.stderr_text()
 
-    expected = _expected_scores(basicmotions_model, recordings, tmp_path, runtime)
+    expected = expected_scores(basicmotions_model, recordings, tmp_path, runtime)
     labels = load_manifest(basicmotions_model).labels
     assert len(records) == result.frames
     per_stream = {}
@@ -141,7 +111,7 @@ def test_daemon_survives_bad_input_and_uses_next_good_frame(
     assert code == 0
     assert [r["seq"] for r in records] == list(range(100))
     assert {r["stream"] for r in records} == {0}
-    want = _expected_scores(basicmotions_model, [good], tmp_path)[0]
+    want = expected_scores(basicmotions_model, [good], tmp_path)[0]
     labels = load_manifest(basicmotions_model).labels
     assert [r["label"] for r in records] == [labels[i] for i in want.argmax(1)]
 
@@ -160,6 +130,6 @@ def test_daemon_csv_rejects_wrong_counts_and_keeps_going(
     finally:
         daemon.stop()
         port.close()
-    want = _expected_scores(basicmotions_model, [good], tmp_path)[0]
+    want = expected_scores(basicmotions_model, [good], tmp_path)[0]
     labels = load_manifest(basicmotions_model).labels
     assert [r["label"] for r in records[-100:]] == [labels[i] for i in want.argmax(1)]
