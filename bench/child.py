@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from edgernnd.errors import EdgernnError
@@ -103,3 +104,11 @@ def write_result(result: dict, path: Path) -> None:
     result["tensorflow_imported"] = any(m in sys.modules for m in BLOCKED_MODULES)
     result["cpus"] = sorted(os.sched_getaffinity(0))
     path.write_text(json.dumps(result, indent=1))
+
+
+def serve_job(run: Callable[[dict], dict], argv: list[str] | None = None) -> int:
+    """The whole life of a child: no TensorFlow, read the job, run it, write."""
+    block_tensorflow()
+    job, out = read_job(argv)
+    write_result(run(job), out)
+    return 0

@@ -315,10 +315,7 @@ def run(job: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    child.block_tensorflow()
-    job, out = child.read_job(argv)
-    child.write_result(run(job), out)
-    return 0
+    return child.serve_job(run, argv)
 
 
 if __name__ == "__main__":
