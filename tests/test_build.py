@@ -147,3 +147,22 @@ def test_train_classifier_is_repeatable_with_a_seed():
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b)
                for a, b in zip(first.get_weights(), other.get_weights()))
+
+
+def test_build_reuse_rebuilds_a_damaged_folder(basicmotions_model, tmp_path, capsys):
+    import shutil
+
+    from edgernn.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(basicmotions_model, folder)
+    assert main(["build", "--data", "basicmotions", "--out", str(folder),
+                 "--reuse", "--drift-steps", "100000"]) == 0
+    assert "reusing" in capsys.readouterr().out
+    with open(folder / "step_int8.tflite", "ab") as f:
+        f.write(b"\0")
+    assert main(["build", "--data", "basicmotions", "--out", str(folder),
+                 "--reuse", "--drift-steps", "100000"]) == 0
+    captured = capsys.readouterr()
+    assert "not reusing" in captured.err and "reusing" not in captured.out
+    assert load_manifest(folder)  # rebuilt whole: every sha256 matches again

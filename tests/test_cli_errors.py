@@ -36,8 +36,17 @@ def _cases(tmp_path, gru_model):
     dense = _save(tmp_path, "dense.keras", keras.layers.Dense(4, activation="softmax"))
     bidi = _save(tmp_path, "bidi.keras", keras.layers.Bidirectional(keras.layers.GRU(4)),
                  keras.layers.Dense(4, activation="softmax"))
+    nan_csv = tmp_path / "nan.csv"
+    nan_csv.write_text("a,b,c,d,e,f,label\n" + "1,2,3,4,5,6,x\n" * 3
+                       + "1,2,nan,4,5,6,x\n")
     out = tmp_path / "out"
     return {
+        "non-finite data": (["quantize", "--model", str(gru_model), "--data",
+                             str(nan_csv), "--out", str(out)], "frame 3"),
+        "verify missing folder": (["verify", "--dir", str(tmp_path / "nosuch"),
+                                   "--data", "basicmotions"], "no manifest"),
+        "train unwritable output": (["train", "--data", "basicmotions", "--epochs", "1",
+                                     "--out", "/proc/version/m.keras"], "/proc/version"),
         "missing data file": (["train", "--data", str(tmp_path / "nope.ts"),
                                "--epochs", "1", "--out", str(tmp_path / "m.keras")],
                               "nope.ts"),
@@ -60,7 +69,8 @@ def _cases(tmp_path, gru_model):
 
 CASE_NAMES = ["missing data file", "malformed ts", "missing model file",
               "no recurrent layer", "unsupported layer", "feature count",
-              "empty dataset", "unwritable output"]
+              "empty dataset", "unwritable output", "non-finite data",
+              "verify missing folder", "train unwritable output"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)

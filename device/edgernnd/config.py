@@ -182,6 +182,9 @@ class Config:
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
+# The URL handlers pyserial ships (serial.protocol_handler_packages).
+SERIAL_URL_SCHEMES = ("socket", "rfc2217", "loop", "spy", "hwgrep", "alt", "cp2110")
+
 
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Config:
     """Reads and validates a TOML configuration file.
@@ -354,6 +357,10 @@ def _check_ranges(c: Config) -> None:
 
     for i, p in enumerate(c.ports):
         need(p.url.strip() != "", f"port[{i}].url", p.url, "a device path or URL")
+        scheme = p.url.split("://", 1)[0] if "://" in p.url else None
+        need(scheme is None or scheme in SERIAL_URL_SCHEMES, f"port[{i}].url", p.url,
+             "a device path or a pyserial URL (" + ", ".join(
+                 f"{s}://" for s in SERIAL_URL_SCHEMES) + ")")
         need(0 < p.baudrate <= 20_000_000, f"port[{i}].baudrate", p.baudrate,
              "a positive baud rate such as 115200")
         need(p.csv_reset_line.strip() != "", f"port[{i}].csv_reset_line",

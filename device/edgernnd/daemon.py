@@ -165,6 +165,11 @@ class Daemon:
                     len(self.manifest.states), len(self.labels), scores.size)
         state_dir = self.config.state.dir
         if state_dir is not None:
+            try:
+                state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+            except OSError as e:
+                logger.warning("cannot create the state directory %s: %s; state "
+                               "will not survive a restart", state_dir, e)
             self.states.restore(state_dir, self.model_sha256,
                                 self.config.state.snapshot_max_age_s)
         self._states_loaded = True

@@ -25,6 +25,24 @@ logger = logging.getLogger("edgernn")
 EXIT_NO_COMPILER = 20
 
 
+def _number(kind, low, high=None, what="a number"):
+    """An argparse type: ``kind`` within [low, high], with a one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {bound}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, 1, what="a whole number")
+NON_NEGATIVE = _number(int, 0, what="a whole number")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -47,11 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         from edgernn.train import CELLS, TrainSettings
 
         d = TrainSettings()
-        p.add_argument("--cell", choices=CELLS, default=d.cell)
-        p.add_argument("--units", type=int, default=64)
-        p.add_argument("--layers", type=int, default=d.layers)
-        p.add_argument("--epochs", type=int, default=d.epochs)
-        p.add_argument("--seed", type=int, default=d.seed)
+        p.add_argument("--cell", choices=CELLS, default=d.cell,
+                       help="recurrent cell")
+        p.add_argument("--units", type=POSITIVE, default=64,
+                       help="units per recurrent layer")
+        p.add_argument("--layers", type=POSITIVE, default=d.layers,
+                       help="stacked recurrent layers")
+        p.add_argument("--epochs", type=POSITIVE, default=d.epochs,
+                       help="passes over the training data")
+        p.add_argument("--seed", type=NON_NEGATIVE, default=d.seed,
+                       help="makes training repeatable")
 
     p = sub.add_parser("train", formatter_class=fmt,
                        help="train the default streaming classifier")
@@ -78,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None,
                    help="the source .keras model, for the Keras parity check")
     data_args(p)
-    p.add_argument("--drift-steps", type=int, default=100_000)
+    p.add_argument("--drift-steps", type=POSITIVE, default=100_000,
+                   help="length of the continuous stream for the drift check")
 
     p = sub.add_parser("compile", formatter_class=fmt,
                        help="compile the int8 model for the Edge TPU "
@@ -92,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None,
                    help="use this .keras model instead of training one")
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
-    p.add_argument("--drift-steps", type=int, default=100_000)
+    p.add_argument("--drift-steps", type=POSITIVE, default=100_000,
+                   help="length of the continuous stream for the drift check")
     p.add_argument("--reuse", action="store_true",
                    help="keep the folder if it was built from the same inputs")
 
@@ -104,17 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for built-in names")
     p.add_argument("--port", required=True,
                    help="pyserial URL: /dev/ttyUSB0, socket://127.0.0.1:7000, ...")
-    p.add_argument("--baudrate", type=int, default=115200)
+    p.add_argument("--baudrate", type=POSITIVE, default=115200, help="line speed")
     p.add_argument("--format", choices=("binary", "csv"), default="binary")
     p.add_argument("--payload", choices=("float32", "int16"), default="float32",
                    help="binary payload type")
-    p.add_argument("--rate-hz", type=float, default=10.0,
+    p.add_argument("--rate-hz", type=_number(float, 1e-3), default=10.0,
                    help="frames per second per stream (the recording's own rate)")
-    p.add_argument("--speed", type=float, default=1.0,
+    p.add_argument("--speed", type=_number(float, 0.0), default=1.0,
                    help="multiple of --rate-hz; 0 = as fast as the port takes")
-    p.add_argument("--streams", type=int, default=1,
+    p.add_argument("--streams", type=_number(int, 1, 65536, "a whole number"), default=1,
                    help="recordings played at once, interleaved, as stream ids 0..N-1")
-    p.add_argument("--limit", type=int, default=0, help="recordings to play (0 = all)")
+    p.add_argument("--limit", type=NON_NEGATIVE, default=0,
+                   help="recordings to play (0 = all)")
     p.add_argument("--csv-reset-line", default="#reset",
                    help="line sent between recordings in csv")
 
@@ -125,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder (built, or reused when its inputs match)")
     p.add_argument("--mqtt", default=None, metavar="HOST:PORT",
                    help="send predictions through this MQTT broker instead of stdout")
-    p.add_argument("--streams", type=int, default=4, help="recordings played at once")
-    p.add_argument("--speed", type=float, default=100.0,
+    p.add_argument("--streams", type=_number(int, 1, 64, "a whole number"), default=4,
+                   help="recordings played at once")
+    p.add_argument("--speed", type=_number(float, 0.0), default=100.0,
                    help="multiple of the recording's 10 Hz; 0 = as fast as possible")
     p.add_argument("--format", choices=("binary", "csv"), default="binary")
     return parser
@@ -142,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     handler = globals()[f"_cmd_{args.command}"]
     try:
         return handler(args) or 0
+    except ImportError as e:
+        if args.debug or (e.name or "").split(".")[0] not in ("tensorflow", "keras"):
+            raise
+        print(f"edgernn: error: '{args.command}' needs TensorFlow ({e.name} is not "
+              "installed); install the host tools: pip install 'edgernn[host]'",
+              file=sys.stderr)
+        return 1
     except EdgernnError as e:
         if args.debug:
             raise
@@ -157,14 +191,35 @@ def _load_data(args, need_test: bool = False):
     from edgernn import datasets
 
     name = str(args.data)
+    test_data = getattr(args, "test_data", None)
     if name.lower() in ("basicmotions", "pickupgesture"):
+        if test_data:
+            raise EdgernnError(f"--test-data is not used with the built-in {name!r}, "
+                               "which brings its own test split; drop --test-data")
         train, test = datasets.load_builtin(name.lower())
     else:
         train = datasets.read_dataset(name)
-        test = datasets.read_dataset(args.test_data) if args.test_data else None
+        test = datasets.read_dataset(test_data) if test_data else None
     if need_test and test is None:
+        print(f"note: no --test-data; verifying on the training data {name}",
+              file=sys.stderr)
         test = train
+    for data in (train, test):
+        if data is not None:
+            _check_finite(data)
     return train, test
+
+
+def _check_finite(data) -> None:
+    """Training and verification need every value: NaN or inf stops with a line."""
+    import numpy as np
+
+    for i, sequence in enumerate(data.sequences):
+        bad = np.flatnonzero(~np.isfinite(sequence).all(axis=1))
+        if len(bad):
+            raise EdgernnError(
+                f"{data.name}: recording {i} has a missing or infinite value at frame "
+                f"{int(bad[0])}; fill or drop such frames before training")
 
 
 def _settings(args):
@@ -178,15 +233,20 @@ def _cmd_train(args) -> int:
     from edgernn.train import train_classifier
 
     train, _ = _load_data(args)
+    out = args.out.resolve()
+    _check_writable(out.parent)
     print(f"training {args.cell} x{args.layers} ({args.units} units) on {train.name}: "
           f"{len(train)} sequences, {train.channels} channels", file=sys.stderr)
     model = train_classifier(train.sequences, train.label_indices(),
                              len(train.class_names), _settings(args))
-    out = args.out.resolve()
-    _check_writable(out.parent)
     tmp = out.parent / f".{out.name}.tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, out)
+    try:
+        model.save(tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise EdgernnError(f"cannot write {str(out)!r}: {e.strerror}; choose another "
+                           "--out") from e
     print(f"wrote {out}")
     return 0
 
@@ -194,8 +254,12 @@ def _cmd_train(args) -> int:
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise EdgernnError(f"cannot create {str(folder)!r}: a file of that name is in "
+                           "the way; choose another --out") from None
     except OSError as e:
-        raise EdgernnError(f"cannot create {str(folder)!r}: {e.strerror}") from e
+        raise EdgernnError(f"cannot create {str(folder)!r}: {e.strerror}; choose "
+                           "another --out") from e
     if not os.access(folder, os.W_OK):
         raise EdgernnError(f"output folder {str(folder)!r} is not writable; "
                            "choose another --out")
@@ -262,7 +326,9 @@ def _static_check(path: Path) -> dict:
 
 def _cmd_verify(args) -> int:
     from edgernn import build, verify
+    from edgernnd.manifest import load_manifest
 
+    load_manifest(args.dir)  # a clear error for a missing or damaged folder
     train, test = _load_data(args, need_test=True)
     keras_model = build.load_keras_model(args.model) if args.model else None
     plot_dir = args.dir / "verify"
@@ -355,12 +421,16 @@ def _cmd_build(args) -> int:
         "drift": args.drift_steps})
     stamp = args.out / "build.json"
     if args.reuse and stamp.is_file():
+        from edgernnd.manifest import load_manifest
+
         try:
             if json.loads(stamp.read_text()).get("fingerprint") == key:
+                load_manifest(args.out)  # every file present and unchanged
                 print(f"reusing {args.out}: built from the same inputs")
                 return 0
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError, EdgernnError) as e:
+            print(f"not reusing {args.out} ({e}); building it again", file=sys.stderr)
+    _check_writable(Path(args.out).resolve().parent)
 
     seconds = {}
     t = time.monotonic()

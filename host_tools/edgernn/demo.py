@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -135,10 +136,17 @@ def run_demo(args: argparse.Namespace) -> int:
         return code
     _, test = datasets.load_builtin("basicmotions")
 
+    workdir = Path(tempfile.mkdtemp(prefix="edgernn-demo-"))
+    try:
+        return _run_with_workdir(args, out, test, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_with_workdir(args: argparse.Namespace, out: Path, test, workdir: Path) -> int:
     collector = _Collector()
     master, slave = os.openpty()
     tty = os.ttyname(slave)
-    workdir = Path(tempfile.mkdtemp(prefix="edgernn-demo-"))
     notify_path = workdir / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
@@ -156,7 +164,13 @@ def run_demo(args: argparse.Namespace) -> int:
             f'[publish]\nsink = "mqtt"\n'
             f'[mqtt]\nhost = "{host}"\nport = {int(port)}\nclient_id = "demo"\n')
         command = [sys.executable, "-m", "edgernnd.cli", "--config", str(config)]
-        mqtt_client = _subscribe_mqtt(host, int(port), "demo", collector)
+        try:
+            mqtt_client = _subscribe_mqtt(host, int(port), "demo", collector)
+        except EdgernnError:
+            for fd in (master, slave):
+                os.close(fd)
+            notify.close()
+            raise
 
     env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
     print(f"starting edgernnd on {tty} (virtual serial link)", file=sys.stderr)
@@ -205,11 +219,6 @@ def run_demo(args: argparse.Namespace) -> int:
             mqtt_client.disconnect()
         os.close(master)
         notify.close()
-        notify_path.unlink(missing_ok=True)
-        workdir_files = list(workdir.iterdir())
-        for f in workdir_files:
-            f.unlink()
-        workdir.rmdir()
 
     print(_table(result, collector, test))
     latencies = np.array([

@@ -38,7 +38,7 @@ class TrainSettings:
     """
 
     cell: str = "simplernn"
-    units: int = 32
+    units: int = 64
     layers: int = 1
     epochs: int = 60
     batch_size: int = 8
