@@ -290,7 +290,7 @@ def test_restart_ignores_unusable_snapshot_with_warning(
         assert read_snapshot_meta(state_dir)["seq"] == [2 * HALF - 1] * STREAMS
 
 
-@pytest.mark.parametrize("kind", ["missing", "regular_file"])
+@pytest.mark.parametrize("kind", ["cannot_be_created", "regular_file"])
 def test_unwritable_state_dir_warns_once_and_keeps_running(
         basicmotions_model, recordings, expected, tmp_path, kind):
     _, fresh = expected
@@ -298,6 +298,9 @@ def test_unwritable_state_dir_warns_once_and_keeps_running(
     state_dir = tmp_path / "state"
     if kind == "regular_file":
         state_dir.write_text("not a directory\n")
+    else:  # a missing folder is created at start, unless a file is in the way
+        (tmp_path / "blocked").write_text("a file, not a folder\n")
+        state_dir = tmp_path / "blocked" / "state"
     port = PtyPort()
     config = write_daemon_config(tmp_path, basicmotions_model, port, state_dir,
                                  state={"snapshot_interval_s": 0.1})
@@ -347,3 +350,21 @@ def test_failed_start_leaves_the_snapshot_alone(
         "[Errno 98] Address already in use")
     assert "Traceback" not in daemon.stderr_text()
     assert (state_dir / "states.npz").read_bytes() == valid_snapshot
+
+
+def test_missing_state_dir_is_created_and_snapshot_written(basicmotions_model,
+                                                           recordings, tmp_path):
+    state_dir = tmp_path / "new" / "state"
+    port = PtyPort()
+    config = write_daemon_config(tmp_path, basicmotions_model, port, state_dir)
+    daemon = Daemon(["--config", config], tmp_path)
+    try:
+        daemon.wait_ready()
+        port.write(frames_bytes(recordings, 0, HALF))
+        daemon.wait_records(STREAMS * HALF)
+    finally:
+        code = daemon.stop(signal.SIGTERM)
+        port.close()
+    assert code == 0, daemon.stderr_text()
+    assert read_snapshot_meta(state_dir)["seq"] == [HALF - 1] * STREAMS
+    assert (state_dir.stat().st_mode & 0o777) == 0o750
