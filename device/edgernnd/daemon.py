@@ -125,7 +125,6 @@ class Daemon:
         self.stop_reason: str | None = None
         self._reload = False
         self._frames_done = 0
-        self._dropped_chunks = 0
         self._synced_rejections: dict = collections.defaultdict(int)
         self._ports_seen: set[str] = set()  # ports connected at least once
         self._snapshot_failing = False
@@ -196,7 +195,6 @@ class Daemon:
         try:
             self.frames.put_nowait((port, frames, read_time))
         except queue.Full:
-            self._dropped_chunks += 1
             self.metrics.inc("edgernn_frames_dropped_total", len(frames), port=port)
 
     def _on_connect(self, port: str, connected: bool) -> None:

@@ -24,6 +24,11 @@ logger = logging.getLogger("edgernn")
 # static check still ran, but nothing was compiled.
 EXIT_NO_COMPILER = 20
 
+# The operators the step model's recurrent cells are written with
+# (step_model.run_stages): every one must run on the Edge TPU once compiled.
+RECURRENT_CELL_OPS = frozenset({"FULLY_CONNECTED", "ADD", "SUB", "MUL", "TANH",
+                                "LOGISTIC"})
+
 
 def _number(kind, low, high=None, what="a number"):
     """An argparse type: ``kind`` within [low, high], with a one-line error."""
@@ -390,7 +395,7 @@ def _compile_folder(directory: Path) -> int:
         print("static check: every operator of the int8 model maps to the Edge TPU",
               file=sys.stderr)
         return EXIT_NO_COMPILER
-    edgetpu_compile.check_compiled(result.report, set(manifest_ops(manifest)))
+    edgetpu_compile.check_compiled(result.report, RECURRENT_CELL_OPS)
     compiled = Path(result.output_path)
     models = dict(manifest.models)
     models["edgetpu"] = ModelFile(
@@ -401,11 +406,6 @@ def _compile_folder(directory: Path) -> int:
     write_manifest(dataclasses.replace(manifest, models=models), directory)
     print(f"compiled {compiled} ({result.report.compiler_version})")
     return 0
-
-
-def manifest_ops(manifest) -> list[str]:
-    """Operator names of the recurrent cell, which must all run on the Edge TPU."""
-    return ["FULLY_CONNECTED", "ADD", "SUB", "MUL", "TANH", "LOGISTIC"]
 
 
 def _cmd_build(args) -> int:

@@ -19,7 +19,7 @@ Facts this module is built around (TensorFlow 2.21, checked):
 from __future__ import annotations
 
 import logging
-import os
+import platform
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -196,4 +196,4 @@ def tool_versions() -> dict[str, str]:
     runtime = host_runtime()
     return {"edgernn": __version__, "tensorflow": tf.__version__,
             "numpy": np.__version__, runtime.name: runtime.version,
-            "python": ".".join(map(str, os.sys.version_info[:3]))}
+            "python": platform.python_version()}
